@@ -177,7 +177,7 @@ def _load_target(target:str):
     if is_file:
         path = Path(mod).resolve()
         if not path.is_file(): raise FileNotFoundError(f"target file {str(path)!r} does not exist")
-        sys.path.insert(0, str(path.parent))
+        if str(path.parent) not in sys.path: sys.path.append(str(path.parent))  # siblings importable; never shadows installed packages
         name = f"_snella_nb_target_{path.stem}"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)

@@ -15,7 +15,8 @@ from torch import Tensor
 from timm.layers import DropPath
 from safetensors.torch import save as _st_save, load as _st_load
 from .kernel import SnellKernel, init_factors
-from .sparse import snell_matmul, sparsify
+from .sparse import sparsify
+from ..kernels.snell import fused_snell_matmul as snell_matmul  # fused Triton on CUDA, else the PyTorch path
 from ..core import count_parameters, print_trainable_parameters
 
 # %% auto #0
