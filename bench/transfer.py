@@ -1,7 +1,7 @@
 """Offline transfer benchmark: PEFT methods x downstream tasks x seeds on self-pretrained / shipped backbones.
 
     python bench/transfer.py            # full table: synthvit (pretrained once, cached) + MiniLM, 3 seeds
-    python bench/transfer.py --quick    # smoke run (< 5 minutes on 2 cores)
+    python bench/transfer.py --quick    # smoke run: tiny backbone, short budget, 2 seeds
     python bench/transfer.py --backbone timm:vit_base_patch16_224 --checkpoint vit.safetensors \\
         --tasks folder:/data/vtab-1k/cifar    # real weights + ImageFolder data (train/val/test folders)
 

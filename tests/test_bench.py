@@ -14,7 +14,7 @@ from snella_nb.bench import (PretrainRecipe, Budget, RECIPES, METHODS, build_bac
 from snella_nb.data import TensorImageDataset, save_state_dict_file
 
 SLOW = os.environ.get('SNELLA_NB_SLOW') == '1'
-MICRO = PretrainRecipe(name='micro', embed_dim=32, depth=1, num_heads=2, n_classes=8, n_per_class=16, n_val_per_class=4,
+MICRO = PretrainRecipe(name='micro', embed_dim=32, depth=1, num_heads=2, n_classes=8, n_train=64, n_val=16,
                        steps=6, batch_size=16, stages=(0.5, 1.0))
 TINY = Budget(steps=4, batch_size=16, eval_every=2, n_test=64)
 
@@ -45,12 +45,33 @@ def test_source_task_deterministic_balanced():
     with pytest.raises(ValueError, match='n_per_class'): make_source_task(0)
 
 
+def test_scenes_targets():
+    a = bench.make_scenes(12, n_classes=6, seed=1)
+    assert torch.equal(a.images, bench.make_scenes(12, n_classes=6, seed=1).images)
+    x, (present, count, occ, patches) = a[0]
+    assert x.shape == (3, 32, 32) and present.shape == (6,) and occ.shape == (64,) and patches.shape == (16,)
+    assert (a.present.sum(1) <= a.count + 1).all() and ((a.patches < 6).any(1) | (a.occupancy.sum(1) < 4)).all()
+    with pytest.raises(ValueError, match='object_size'): bench.make_scenes(4, object_size=(1, 40))
+
+
+def test_ridge_probe_planted():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(600, 12, generator=g); y = (X @ torch.randn(12, 4, generator=g)).argmax(1)
+    assert bench.ridge_probe((X[:400], y[:400]), (X[400:500], y[400:500]), (X[500:], y[500:]))['test_acc'] > 0.8
+
+
+def test_lora_trains_cls_token(cache):
+    m, info = build_backbone('random:micro', 3)
+    m = METHODS['lora'].fn(m, dict(METHODS['lora'].hparams, targets=info['targets'], modality='image'))
+    assert any(n.endswith('cls_token') and p.requires_grad for n, p in m.named_parameters())
+
+
 def test_pretrain_cached_and_keyed(cache):
     p = pretrain_backbone(MICRO)
     assert p.parent == cache / 'backbones' and p.name == f'micro-{MICRO.key()}'
     assert {f.name for f in p.iterdir()} == {'curve.json', 'recipe.json', 'stage0.5.safetensors', 'stage1.safetensors'}
     curve = json.loads((p / 'curve.json').read_text())
-    assert curve['val'] and all(0 <= r['acc'] <= 1 for r in curve['val'])
+    assert curve['val'] and all(0 <= r['patch_acc'] <= 1 for r in curve['val'])
     t = (p / 'stage1.safetensors').stat().st_mtime_ns
     assert pretrain_backbone(MICRO) == p and (p / 'stage1.safetensors').stat().st_mtime_ns == t  # built once
     assert PretrainRecipe(**{**asdict(MICRO), 'lr': 0.5}).key() != MICRO.key()
@@ -192,7 +213,7 @@ def test_cli_writes_table_and_resumes(cache, tmp_path, capsys):
 @pytest.mark.skipif(not SLOW, reason='set SNELLA_NB_SLOW=1: all vision tasks with the default backbone, and MiniLM')
 def test_sanity_all_tasks_slow():
     "Pretrained + linear probe must beat random init + linear probe on every vision task (default backbone)."
-    res = bench.sanity_check()
+    res = bench.sanity_check()  # ridge probe on frozen CLS + mean-patch features
     assert all(p > r for p, r in res.values()), res
     b = Budget(steps=30, eval_every=15, n_test=300)
     pre, rnd = run('linear', 'topics', 'minilm', 0, b)['test_acc'], run('linear', 'topics', 'random:minilm', 0, b)['test_acc']
