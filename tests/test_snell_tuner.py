@@ -412,3 +412,13 @@ def test_minilm_bert_by_names():
         ref = base(**batch).last_hidden_state
     assert torch.equal(off, ref) and not torch.equal(out, ref)
     assert m.config.hidden_size == 384                            # attributes delegate to the wrapped model
+
+
+def test_head_trainable_for_timm_model_built_directly():
+    "A timm VisionTransformer constructed without a pretrained_cfg still gets its classifier trained by default."
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=3)
+    sm = get_snell_model(vit, SnellConfig(r=4, sparsity=0.5))
+    trainable = {n for n, p in sm.named_parameters() if p.requires_grad}
+    assert any(n.endswith('head.weight') for n in trainable) and any(n.endswith('cls_token') for n in trainable)

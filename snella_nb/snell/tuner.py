@@ -346,6 +346,10 @@ def _default_modules_to_save(model:nn.Module)->list[str]:
     clf = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
     if isinstance(clf, str) and _has_module(model, clf) and any(True for _ in model.get_submodule(clf).parameters()):
         out.append(clf)
+    elif callable(getattr(model, 'get_classifier', None)):  # a timm model built without a pretrained_cfg
+        head = model.get_classifier()
+        name = next((n for n, m in model.named_modules() if m is head and n), None)
+        if name is not None and any(True for _ in head.parameters()): out.append(name)
     if isinstance(getattr(model, 'cls_token', None), nn.Parameter): out.append('cls_token')
     return out
 
