@@ -34,6 +34,9 @@ def main(out, batch, steps):
         torch.save(dict(eval=ev, params={k: v.detach().clone() for k, v in tr.model.state_dict().items()},
                         ema={k: v.detach().clone() for k, v in tr.ema_model.module.state_dict().items()},
                         history=hist, world_size=tr.world_size), out)
+    # wait for rank 0 before tearing down: a rank that destroys the gloo group while the other still runs can abort
+    # ("terminate called without an active exception", seen once in CI)
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 if __name__ == '__main__':
