@@ -11,7 +11,7 @@ from torch.autograd.function import once_differentiable
 from .core import (kernel_backend, kernel_launches, lazy_triton_kernel, is_interpreted,
                                     _check_cpu_kernel, _warn_once)
 from ..snell.kernel import SnellKernel, distance_kernel, _check_factors
-from ..snell.sparse import (snell_matmul, sparsify, magnitude_threshold, n_keep, _check_sparsity, _check_mode,
+from ..snell.sparse import (snell_matmul, sparsify, magnitude_threshold, n_keep, _check_sparsity, _check_mode, _check_inputs,
                                     _check_nan)
 
 # %% auto #0
@@ -474,12 +474,7 @@ def fused_snell_matmul(x:Tensor, # layer input (..., d_in) (the dropped-out adap
                        backend:str|None=None, # 'auto' | 'reference' | 'triton'; None reads $SNELLA_NB_KERNELS
                       )->Tensor: # x @ S, shape (..., d_out), dtype of x
     "`snell_matmul` through fused Triton kernels (S never in memory) on CUDA; the PyTorch reference otherwise."
-    _check_factors(A, B, 'fused_snell_matmul')
-    if not isinstance(x, Tensor): raise TypeError(f"fused_snell_matmul: x must be a tensor, got {type(x).__name__}")
-    d_in, d_out = A.shape[1], B.shape[1]
-    if x.ndim < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"fused_snell_matmul: x has shape {tuple(x.shape)} but A was built for d_in={d_in}; "
-                         "the last dim of x must be d_in")
+    d_in, d_out = _check_inputs(x, A, B, 'fused_snell_matmul')
     s = _check_sparsity(sparsity); _check_mode(mode)
     coeffs = getattr(kernel, 'coeffs', None)
     tensors = (x, A, B) + ((coeffs,) if isinstance(coeffs, Tensor) else ())

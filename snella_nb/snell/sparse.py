@@ -159,6 +159,16 @@ class _RebuildS(torch.autograd.Function):
         return (gx, dA, dB, None, None, *[dp.get(id(p)) for p in ctx.params])
 
 # %% ../../nbs/11_snell_sparse.ipynb #86aec855
+def _check_inputs(x, A:Tensor, B:Tensor, where:str)->tuple[int, int]:
+    "Check the factors and that x is a tensor whose last dim is d_in; return (d_in, d_out)."
+    _check_factors(A, B, where)
+    if not isinstance(x, Tensor): raise TypeError(f"{where}: x must be a tensor, got {type(x).__name__}")
+    d_in, d_out = A.shape[1], B.shape[1]
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"{where}: x has {x.shape[-1] if x.ndim else 0} features in its last dim "
+                         f"(shape {tuple(x.shape)}) but A was built for d_in={d_in}; A must be (H, d_in, k)")
+    return d_in, d_out
+
 def snell_matmul(x:Tensor, # layer input (..., d_in) (the dropped-out adapter input)
                  A:Tensor, # (H, d_in, k) factor
                  B:Tensor, # (H, d_out, k) factor
@@ -170,12 +180,7 @@ def snell_matmul(x:Tensor, # layer input (..., d_in) (the dropped-out adapter in
                  checkpoint:bool=True, # rebuild S in backward (`_RebuildS`) instead of storing it
                 )->Tensor: # x @ S, shape (..., d_out)
     "The SNELL branch `x @ sparsify(kernel(A, B))`, with S rebuilt in backward and optionally built by row blocks."
-    _check_factors(A, B, 'snell_matmul')
-    if not isinstance(x, Tensor): raise TypeError(f"snell_matmul: x must be a tensor, got {type(x).__name__}")
-    d_in, d_out = A.shape[1], B.shape[1]
-    if x.ndim < 1 or x.shape[-1] != d_in:
-        raise ValueError(f"snell_matmul: x has {x.shape[-1] if x.ndim else 0} features in its last dim "
-                         f"(shape {tuple(x.shape)}) but A was built for d_in={d_in}; A must be (H, d_in, k)")
+    d_in, d_out = _check_inputs(x, A, B, 'snell_matmul')
     if not callable(kernel): raise TypeError(f"snell_matmul: kernel must be a SnellKernel, got {type(kernel).__name__}")
     s = _check_sparsity(sparsity); _check_mode(mode)
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
