@@ -13,7 +13,6 @@ from snella_nb.bench import (PretrainRecipe, Budget, RECIPES, METHODS, build_bac
                              make_source_task, pretrain_backbone, register_method, run, stratified_split, summarize, sweep)
 from snella_nb.data import TensorImageDataset, save_state_dict_file
 
-SLOW = os.environ.get('SNELLA_NB_SLOW') == '1'
 MICRO = PretrainRecipe(name='micro', embed_dim=32, depth=1, num_heads=2, n_classes=8, n_train=64, n_val=16,
                        steps=6, batch_size=16, stages=(0.5, 1.0))
 TINY = Budget(steps=4, batch_size=16, eval_every=2, n_test=64)
@@ -210,11 +209,24 @@ def test_cli_writes_table_and_resumes(cache, tmp_path, capsys):
     with pytest.raises(SystemExit): bench.main(['--methods', 'nope'])
 
 
-@pytest.mark.skipif(not SLOW, reason='set SNELLA_NB_SLOW=1: all vision tasks with the default backbone, and MiniLM')
-def test_sanity_all_tasks_slow():
-    "Pretrained + linear probe must beat random init + linear probe on every vision task (default backbone)."
-    res = bench.sanity_check()  # ridge probe on frozen CLS + mean-patch features
+def test_sweep_reruns_when_recipe_changes(cache, tmp_path, monkeypatch):
+    "Stored results are keyed by the backbone recipe too: a changed recipe must not reuse old numbers."
+    f = tmp_path / 'r.jsonl'
+    sweep(['linear'], ['digits'], [0], 'micro', budget=TINY, results_file=f, log=None)
+    sweep(['linear'], ['digits'], [0], 'micro', budget=TINY, results_file=f, log=None)
+    assert len(f.read_text().splitlines()) == 1  # reused
+    monkeypatch.setitem(RECIPES, 'micro', PretrainRecipe(**{**asdict(MICRO), 'steps': 8}))
+    r = sweep(['linear'], ['digits'], [0], 'micro', budget=TINY, results_file=f, log=None)
+    lines = [json.loads(l) for l in f.read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]['recipe_key'] != lines[1]['recipe_key'] == r[0]['recipe_key']
+
+
+def test_sanity_pretrained_beats_random_every_task():
+    """The issue's sanity figures, on the real default backbone (pretrained once per machine into the user cache:
+    about 3-5 minutes on one core) with the table's own linear probe and budget: pretrained beats random init on every
+    vision task, and MiniLM beats random init on the held-out-word topics."""
+    res = bench.sanity_check(probe='linear')
+    assert set(res) == set(bench.VISION_TASKS)
     assert all(p > r for p, r in res.values()), res
-    b = Budget(steps=30, eval_every=15, n_test=300)
-    pre, rnd = run('linear', 'topics', 'minilm', 0, b)['test_acc'], run('linear', 'topics', 'random:minilm', 0, b)['test_acc']
-    assert pre > rnd + 0.2, (pre, rnd)
+    pre, rnd = bench.sanity_check(['topics'], 'minilm', budget=Budget(steps=30, eval_every=15, n_test=300))['topics']
+    assert pre > rnd + 0.3, (pre, rnd)

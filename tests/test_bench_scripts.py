@@ -45,3 +45,16 @@ def test_train_overhead_quick(tmp_path):
     rec = json.loads((tmp_path/'train_overhead.json').read_text())
     assert {r['loop'] for r in rec['rows']} == {'minimal loop', 'snella_nb Trainer'}
     assert all(r['ms_per_step'] > 0 for r in rec['rows'])
+
+
+def test_transfer_quick_documented_command(tmp_path):
+    "The README's `bench/transfer.py --quick`: every task x full/linear/LoRA x 2 seeds, table + files, within the issue's 5 minutes."
+    p = _run(['bench/transfer.py', '--quick'], tmp_path, limit_s=300)
+    rec = json.loads((tmp_path/'transfer_quick.json').read_text())
+    runs = rec['meta']['runs']
+    assert {(r['task'], r['method'], r['seed']) for r in runs} == {
+        (t, m, s) for t in ('digits', 'photo_crops', 'dsprites_loc', 'dsprites_ori', 'counting', 'distance', 'topics')
+        for m in ('full', 'linear', 'lora') for s in (0, 1)}
+    assert all(0 <= r['test_acc'] <= 1 and r['budget']['steps'] == 12 for r in runs)
+    assert '| task | group | n_seeds | full | linear | lora |' in p.stdout and '| mean |' in p.stdout
+    assert {f.name for f in tmp_path.iterdir()} >= {'transfer_quick.json', 'transfer_quick.md', 'transfer_quick.png'}
