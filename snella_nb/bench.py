@@ -778,10 +778,9 @@ def _run_key(r:dict)->str:
 
 def _weights_id(backbone:str, checkpoint=None)->tuple:
     "(recipe key, checkpoint file) that identify a backbone's weights: a changed recipe or file is a new result."
-    base = backbone[len('random:'):] if backbone.startswith('random:') else backbone
-    rname = _parse_stage(base)[0]
+    rname = _parse_stage(backbone.removeprefix('random:'))[0]
     return (RECIPES[rname].key() if rname in RECIPES else None,
-            str(checkpoint) if checkpoint is not None and base.startswith('timm:') and base == backbone else None)
+            str(checkpoint) if checkpoint is not None and backbone.startswith('timm:') else None)
 
 def sweep(methods:Sequence[str], tasks:Sequence[str], seeds:Sequence[int],
           backbone:str='synthvit',       # for image tasks
